@@ -12,7 +12,7 @@ QUICK_PARAMS := -S data.limit=2000 -S train_evaluator.epochs=1 -S train_gan.epoc
 	-S generate.num_samples=1000 -S score.num_calibration=400 -S finetune.steps=20 \
 	-S evaluate.num_samples=300 -S threshold=0.3
 
-.PHONY: setup data repro quick test ui
+.PHONY: setup data repro quick test ui report ui-check
 
 setup: $(VENV)/.installed
 
@@ -36,3 +36,11 @@ test: data
 # The MLflow UI on http://127.0.0.1:5000, bound to loopback only.
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+
+# The threshold trade-off (reports/tradeoff.png, .csv, .md) from the MLflow runs.
+report: setup
+	python -m rsft.report --output reports
+
+# Screenshot the MLflow compare view of two runs in headless Chromium (needs `apt-get install chromium`).
+ui-check: setup
+	python scripts/check_mlflow_ui.py --output ui-check

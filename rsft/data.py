@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +54,11 @@ class Split:
         return len(self.labels)
 
 
-def read_idx_bytes(directory: Path, name: str) -> bytes:
-    """Read one IDX file, plain or gzip-compressed, and verify its MD5.
+def read_idx_bytes(directory: Path, name: str, verify_checksum: bool = True) -> bytes:
+    """Read one IDX file, plain or gzip-compressed, and verify its MD5 when verify_checksum is true.
 
     Raises:
-        DataError: The file is missing, truncated, corrupt or fails its checksum.
+        DataError: The file is missing, unreadable, truncated, corrupt or fails its checksum.
     """
     candidates = [directory / f"{name}.gz", directory / name]
     path = next((c for c in candidates if c.is_file()), None)
@@ -70,24 +71,37 @@ def read_idx_bytes(directory: Path, name: str) -> bytes:
                 content = stream.read()
         else:
             content = path.read_bytes()
-    except (OSError, EOFError) as error:
+    except PermissionError as error:
+        raise DataError(f"{path} cannot be read ({error}); fix its permissions") from None
+    except (OSError, EOFError, zlib.error) as error:
+        # gzip raises EOFError when truncated, BadGzipFile (an OSError) for a
+        # wrong header or CRC, and zlib.error for a damaged deflate stream.
         raise DataError(f"{path} is truncated or corrupt ({error}). {HOW_TO_GET_DATA}") from None
 
+    if not verify_checksum:
+        return content
     digest = hashlib.md5(content).hexdigest()
     if digest != IDX_MD5[name]:
         raise DataError(
             f"{path} failed its checksum: MD5 of the IDX content is {digest}, "
-            f"expected {IDX_MD5[name]}. {HOW_TO_GET_DATA}"
+            f"expected {IDX_MD5[name]}. {HOW_TO_GET_DATA} For your own data in the "
+            f"Fashion-MNIST format, set data.verify_checksum: false."
         )
     return content
 
 
 def parse_idx(content: bytes, source: str) -> np.ndarray:
-    """Decode IDX bytes (magic, dims, uint8 payload) into an array."""
+    """Decode IDX bytes (magic, dims, uint8 payload) into an array.
+
+    Raises:
+        DataError: The bytes are not a complete unsigned-byte IDX file.
+    """
     if len(content) < 4 or content[0:2] != b"\x00\x00" or content[2] != 0x08:
-        raise DataError(f"{source} is not an unsigned-byte IDX file")
+        raise DataError(f"{source} is not an unsigned-byte IDX file (it must start with bytes 00 00 08)")
     ndim = content[3]
     header = 4 + 4 * ndim
+    if len(content) < header:
+        raise DataError(f"{source}: IDX header announces {ndim} dimensions but the file ends after {len(content)} bytes")
     shape = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     payload = np.frombuffer(content, dtype=np.uint8, offset=header)
     if payload.size != int(np.prod(shape)):
@@ -95,15 +109,45 @@ def parse_idx(content: bytes, source: str) -> np.ndarray:
     return payload.reshape(shape)
 
 
-def load_fashion_mnist(directory: str | Path) -> tuple[Split, Split]:
-    """Load the official training and test sets after verifying all four files."""
+def _check_split(images: np.ndarray, labels: np.ndarray, source: str) -> Split:
+    """Check that decoded IDX arrays form a split of 28x28 images with labels 0-9."""
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{source}: images have shape {images.shape}, expected (n, {IMAGE_SIZE}, {IMAGE_SIZE})")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{source}: labels have shape {labels.shape}, expected ({len(images)},) to match the images")
+    if len(labels) == 0:
+        raise DataError(f"{source}: contains no images")
+    if labels.max() >= NUM_CLASSES:
+        raise DataError(f"{source}: label {int(labels.max())} found, expected labels 0 to {NUM_CLASSES - 1}")
+    return Split(images, labels)
+
+
+def load_fashion_mnist(directory: str | Path, verify_checksum: bool = True) -> tuple[Split, Split]:
+    """Load the training and test sets from the four IDX files of `directory`.
+
+    Args:
+        directory: Directory with the files, each plain or gzip-compressed.
+        verify_checksum: Compare the decompressed files with the official
+            Fashion-MNIST MD5s. Without it any IDX files in the same format
+            load (data.verify_checksum: false, for your own data).
+
+    Raises:
+        DataError: A file is missing, unreadable, corrupt, fails its checksum
+            or does not hold 28x28 images with labels 0-9.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"data directory {directory} does not exist. {HOW_TO_GET_DATA}")
 
-    arrays = {name: parse_idx(read_idx_bytes(directory, name), name) for name in IDX_MD5}
-    train = Split(arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"])
-    test = Split(arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"])
+    arrays = {
+        name: parse_idx(read_idx_bytes(directory, name, verify_checksum), str(directory / name))
+        for name in IDX_MD5
+    }
+    train = _check_split(arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"], f"{directory}/train-*")
+    test = _check_split(arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"], f"{directory}/t10k-*")
+    if not verify_checksum:
+        logger.warning("data.verify_checksum is false: loaded %d training and %d test images from %s "
+                       "without comparing them to the official Fashion-MNIST files", len(train), len(test), directory)
     return train, test
 
 
@@ -119,10 +163,11 @@ def split_train_validation(train: Split, validation_size: int, limit: int, seed:
     Returns:
         (train, validation) splits.
     """
-    if validation_size >= len(train):
+    # GAN and evaluator batches need two images (batch normalization).
+    if validation_size > len(train) - 2:
         raise DataError(
-            f"data.validation_size={validation_size} leaves no training images "
-            f"(the training set has {len(train)}); use a smaller value"
+            f"data.validation_size={validation_size} leaves fewer than 2 training images "
+            f"(the training set has {len(train)}); use at most {len(train) - 2}"
         )
 
     order = np.random.default_rng(seed).permutation(len(train))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,9 +19,10 @@ import yaml
 
 from rsft.errors import ParamsError
 
+MAX_SEED = 2**32 - 1
 CALIBRATION_METHODS = ("none", "platt", "isotonic")
 REJECTION_RULES = ("threshold", "quantile", "drs")
-FINETUNE_METHODS = ("adversarial", "mixed")
+FINETUNE_METHODS = ("adversarial", "mixed", "topk", "weighted")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -36,6 +38,12 @@ class Spec:
 
 def _integer(minimum: int) -> Spec:
     return Spec(int, f"an integer >= {minimum}", lambda v: v >= minimum)
+
+
+def _seed() -> Spec:
+    # torch.manual_seed accepts up to 2**64 - 1 and NumPy's legacy seeding up
+    # to 2**32 - 1; the smaller bound works everywhere.
+    return Spec(int, f"an integer in [0, {MAX_SEED}]", lambda v: 0 <= v <= MAX_SEED)
 
 
 def _real(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Spec:
@@ -58,14 +66,16 @@ _POSITIVE_REAL = _real(0.0, math.inf, low_open=True, high_open=True)
 _NONEMPTY_TEXT = Spec(str, "a non-empty string", lambda v: bool(v.strip()))
 
 SCHEMA: dict[str, Spec] = {
-    "seed": _integer(0),
+    "seed": _seed(),
     "threshold": _real(0.0, 1.0),
     "device": _choice(DEVICES),
     "data.dir": _NONEMPTY_TEXT,
-    "data.limit": _integer(0),
+    # A single training image cannot form a batch: batch normalization needs two.
+    "data.limit": Spec(int, "0 (all images) or an integer >= 2", lambda v: v == 0 or v >= 2),
+    "data.verify_checksum": Spec(bool, "true or false"),
     "data.validation_size": _integer(1),
     "train_evaluator.epochs": _integer(1),
-    "train_evaluator.batch_size": _integer(1),
+    "train_evaluator.batch_size": _integer(2),
     "train_evaluator.lr": _POSITIVE_REAL,
     "train_gan.epochs": _integer(1),
     "train_gan.batch_size": _integer(2),
@@ -88,13 +98,55 @@ SCHEMA: dict[str, Spec] = {
     "finetune.steps": _integer(1),
     "finetune.batch_size": _integer(2),
     "finetune.lr": _POSITIVE_REAL,
-    "finetune.seed": _integer(0),
-    "evaluate.num_samples": _integer(2),
-    "evaluate.seed": _integer(0),
+    "finetune.seed": _seed(),
+    "finetune.rounds": _integer(1),
+    "finetune.threshold_step": _real(0.0, 1.0),
+    # Precision, recall, density and coverage use 5 nearest neighbours, so they need 6 samples.
+    "evaluate.num_samples": _integer(6),
+    "evaluate.seed": _seed(),
     "evaluate.batch_size": _integer(1),
     "evaluate.max_draws_per_sample": _integer(1),
+    "evaluate.max_recall_drop": _real(0.0, 1.0),
+    "evaluate.inception_weights": Spec(str, 'a path to local Inception v3 weights, or "" to skip'),
     "tracking.experiment": _NONEMPTY_TEXT,
 }
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two differences that catch hand-editing mistakes.
+
+    Floats follow YAML 1.2, the version DVC's parser implements, so `lr: 1e-4`
+    is the number 0.0001 here as it is for DVC (YAML 1.1 reads it as a string).
+    A key repeated in one mapping is an error instead of silently keeping the
+    last value.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ParamsError(
+                    f"{self.name}: key '{key}' appears twice in the same mapping (lines {seen[key]} and {line}); "
+                    f"keep one of them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -197,7 +249,12 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run the stage from the repository root") from None
     try:
-        raw = yaml.safe_load(text)
+        loader = _ParamsLoader(text)
+        loader.name = str(path)
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: invalid YAML: {error}") from None
     return validate(raw, source=str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -26,6 +27,12 @@ logger = logging.getLogger(__name__)
 # Stage costs (wall time, peak memory, device) go here, outside DVC's outputs,
 # because timings differ between runs and would break reproducible hashes.
 COSTS_DIR = Path("costs")
+
+# Fault injection for tests: when this variable names a pause point, the
+# process logs "paused at <point>" and sleeps there (RSFT_TEST_PAUSE_S seconds,
+# default 120), so a test can kill or signal it at a known moment.
+PAUSE_ENV = "RSFT_TEST_PAUSE_AT"
+PAUSE_SECONDS_ENV = "RSFT_TEST_PAUSE_S"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,26 +63,51 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def pause_point(name: str) -> None:
+    """Sleep at the named point when RSFT_TEST_PAUSE_AT equals `name`; otherwise do nothing."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    logger.warning("paused at %s", name)
+    time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV, "120")))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` and move it into place on success.
 
     Works for files and directories. If the block raises or the process is
     killed, `path` keeps its old content (or stays absent) and the temporary
-    path is removed or left with a `.tmp-` name that no stage reads.
+    path is removed or left with a `.tmp-` name that no stage reads. The
+    pause point "rename <path>" lies between the finished temporary and the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(temporary)
+    _remove_orphans(path)
     try:
         yield temporary
     except BaseException:
         _remove(temporary)
         raise
+    pause_point(f"rename {path}")
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     os.replace(temporary, path)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Remove temporaries of `path` left by killed processes (their pid no longer exists)."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(leftover)
+        except PermissionError:
+            pass  # the process exists but belongs to another user
 
 
 def _remove(path: Path) -> None:
@@ -114,6 +146,31 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+# The stage run_stage is running: its name, start time (perf_counter) and device.
+_running_stage: dict[str, Any] = {}
+
+
+def current_stage_cost() -> dict[str, Any]:
+    """Cost of the stage run_stage is running, so far: wall time, peak memory and device.
+
+    Wall time counts from the start of the stage's work, after the
+    interpreter started and imported torch (a few seconds per stage).
+    Peak memory is the process's maximum resident set size.
+    """
+    if not _running_stage:
+        raise RuntimeError("current_stage_cost() needs a stage started by run_stage")
+    device = _running_stage["device"]
+    cost = {
+        "stage": _running_stage["name"],
+        "wall_time_s": round(time.perf_counter() - _running_stage["started"], 3),
+        "peak_memory_mb": round(_peak_memory_mb(), 1),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        cost["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return cost
+
+
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
 
@@ -137,25 +194,26 @@ def run_stage(name: str, main: Callable[[dict[str, Any]], None], params_path: st
     from rsft.rejection import NoFakesAcceptedError
 
     user_errors = (RsftError, NoFakesAcceptedError, MetricInputError)
-    started = time.perf_counter()
     try:
         params = load_params(params_path)
         device = resolve_device(params["device"])
+        _running_stage.update(name=name, started=time.perf_counter(), device=device)
         main(params)
     except user_errors as error:
         print(f"error in stage {name}: {error}", file=sys.stderr)
         sys.exit(1)
+    except FileNotFoundError as error:
+        # An input an earlier stage writes is missing, e.g. a stage run by hand out of order.
+        # pandas' parquet reader leaves `filename` unset and names the file in the message.
+        missing = error.filename or str(error)
+        print(f"error in stage {name}: {missing} not found; run the stages before it "
+              f"(`dvc repro {name}`)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
-        print(f"stage {name} interrupted; no output of this run was kept", file=sys.stderr)
+        print(f"stage {name} interrupted; outputs it had not finished were discarded and DVC recorded "
+              f"nothing for this run. Rerun `dvc repro` to complete it.", file=sys.stderr)
         sys.exit(130)
 
-    cost = {
-        "stage": name,
-        "wall_time_s": round(time.perf_counter() - started, 3),
-        "peak_memory_mb": round(_peak_memory_mb(), 1),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        cost["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    cost = current_stage_cost()
     write_json(COSTS_DIR / f"{name}.json", cost)
     logger.info("stage %s finished in %.1f s", name, cost["wall_time_s"])

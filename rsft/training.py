@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,6 +40,8 @@ def shuffled_batches(
     The batch size is capped at the number of images; a final partial batch of
     one image is skipped because batch normalization needs two.
     """
+    if len(images) < 2:
+        raise ValueError(f"batches need at least 2 images, got {len(images)}")
     batch_size = min(batch_size, len(images))
     while True:
         order = torch.randperm(len(images), generator=generator)
@@ -47,6 +49,11 @@ def shuffled_batches(
             index = order[start:start + batch_size]
             if len(index) >= 2:
                 yield images[index]
+
+
+# Maps the discriminator's logits of a batch of fakes [B] to the weights [B]
+# of their generator loss terms; the finetune methods topk and weighted use it.
+FakeWeights = Callable[[torch.Tensor], torch.Tensor]
 
 
 def sample_latents(count: int, latent_dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -61,8 +68,14 @@ def adversarial_step(
     optimizer_d: torch.optim.Optimizer,
     real: torch.Tensor,
     latents: torch.Tensor,
+    fake_weights: FakeWeights | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One discriminator update, then one generator update; return both losses."""
+    """One discriminator update, then one generator update; return both losses.
+
+    With `fake_weights`, the generator loss is the weighted mean of the
+    per-fake losses (weights computed from the updated discriminator's logits,
+    without gradient); a 0/1 weight applies the loss to the selected fakes only.
+    """
     fakes = generator(latents)
 
     # Discriminator: maximize log D(x) + log(1 - D(G(z))).
@@ -78,12 +91,28 @@ def adversarial_step(
 
     # Generator: maximize log D(G(z)), the non-saturating loss.
     logits_generated = discriminator(fakes)
-    loss_g = F.binary_cross_entropy_with_logits(logits_generated, torch.ones_like(logits_generated))
+    if fake_weights is None:
+        loss_g = F.binary_cross_entropy_with_logits(logits_generated, torch.ones_like(logits_generated))
+    else:
+        weights = fake_weights(logits_generated.detach()).to(logits_generated)
+        loss_g = weighted_generator_loss(logits_generated, weights)
     optimizer_g.zero_grad(set_to_none=True)
     loss_g.backward()
     optimizer_g.step()
 
     return loss_d.detach(), loss_g.detach()
+
+
+def weighted_generator_loss(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of the non-saturating generator loss -log D(G(z)) over a batch.
+
+    Raises:
+        ValueError: The weights are negative or sum to zero.
+    """
+    if bool((weights < 0).any()) or float(weights.sum()) <= 0.0:
+        raise ValueError("generator loss weights must be non-negative with a positive sum")
+    per_fake = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    return (weights * per_fake).sum() / weights.sum()
 
 
 def train_adversarial(
@@ -98,12 +127,14 @@ def train_adversarial(
     log_every: int,
     first_step: int = 0,
     description: str = "GAN",
+    fake_weights: FakeWeights | None = None,
 ) -> list[LossRecord]:
     """Run `num_steps` adversarial steps and return the loss records.
 
     Each step draws one batch from `real_batches` (the discriminator's "real"
     side) and as many latents. Losses are checked for NaN or infinity every
-    `log_every` steps and at the last step.
+    `log_every` steps and at the last step. `fake_weights` is passed to
+    adversarial_step.
 
     Raises:
         TrainingDivergedError: A loss became NaN or infinite.
@@ -118,7 +149,9 @@ def train_adversarial(
     for step in tqdm(range(first_step + 1, first_step + num_steps + 1), desc=description, leave=False, disable=None):
         real = next(real_batches).to(device)
         latents = sample_latents(len(real), generator.latent_dim, latent_generator).to(device)
-        loss_d, loss_g = adversarial_step(generator, discriminator, optimizer_g, optimizer_d, real, latents)
+        loss_d, loss_g = adversarial_step(
+            generator, discriminator, optimizer_g, optimizer_d, real, latents, fake_weights
+        )
         sum_d += loss_d
         sum_g += loss_g
         count += 1
@@ -126,6 +159,7 @@ def train_adversarial(
         if count == log_every or step == first_step + num_steps:
             record = LossRecord(step, sum_d.item() / count, sum_g.item() / count)
             check_finite(record)
+            check_finite_weights(record.step, generator, discriminator)
             records.append(record)
             sum_d.zero_()
             sum_g.zero_()
@@ -143,6 +177,22 @@ def check_finite(record: LossRecord) -> None:
                 f"checkpoint was written. Lower the learning rate (e.g. halve train_gan.lr or "
                 f"finetune.lr) or enable train_gan.spectral_norm."
             )
+
+
+def check_finite_weights(step: int, *models: nn.Module) -> None:
+    """Stop training when a weight or buffer is NaN or infinite.
+
+    Losses can stay finite while, for one, batch normalization's running
+    variance overflows; the generator in eval mode would then produce garbage.
+    """
+    for model in models:
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise TrainingDivergedError(
+                    f"{type(model).__name__.lower()} {name} became NaN or infinite by step {step}; training "
+                    f"stopped and no checkpoint was written. Lower the learning rate (e.g. halve train_gan.lr "
+                    f"or finetune.lr) or enable train_gan.spectral_norm."
+                )
 
 
 def train_evaluator(

@@ -18,8 +18,13 @@ from rsft import data, evaluation, metrics, paths, tracking
 from rsft.acceptance import FittedRule
 from rsft.calibration import Calibrator
 from rsft.checkpoint import load_evaluator, load_gan
+from rsft.errors import RsftError
+from rsft.finetuning import diversity_drops, round_checkpoints
 from rsft.images import save_grid
-from rsft.runtime import read_json, resolve_device, run_stage, seed_everything, stream_seed, write_json
+from rsft.inception import images_to_inception_features, load_inception
+from rsft.runtime import (
+    atomic_path, current_stage_cost, read_json, resolve_device, run_stage, seed_everything, stream_seed, write_json,
+)
 from rsft.sampling import generate_images
 from rsft.training import sample_latents
 
@@ -59,6 +64,13 @@ def _sample_sets(params: dict, device: torch.device, count: int) -> dict[str, np
             "(evaluate.max_draws_per_sample=%d); its metrics use fewer samples and are biased",
             len(sets["rejection"]), count, num_drawn, config["max_draws_per_sample"],
         )
+    # Precision, recall, density and coverage use PRDC_K nearest neighbours, so they need one more sample.
+    if len(sets["rejection"]) <= evaluation.PRDC_K:
+        raise RsftError(
+            f"rejection at inference kept {len(sets['rejection'])} fakes in {num_drawn} draws, fewer than the "
+            f"{evaluation.PRDC_K + 1} the metrics need. Raise evaluate.max_draws_per_sample (now "
+            f"{config['max_draws_per_sample']}) or keep more fakes (lower threshold, raise reject.keep_fraction)."
+        )
 
     for name, checkpoint in (("finetuned", paths.FINETUNE_CHECKPOINT), ("control", paths.CONTROL_CHECKPOINT)):
         tuned, _, _ = load_gan(checkpoint, device)
@@ -79,11 +91,54 @@ def _pipeline_metrics() -> dict[str, float]:
     return logged
 
 
+# Metrics plotted over fine-tuning rounds in MLflow (step = round; step 0 is the trained GAN).
+ROUND_METRICS = ("fid", "precision", "recall", "coverage")
+DIVERSITY_TAG = "diversity_warning"
+
+
+def _round_metrics(
+    params: dict, evaluator, reference: np.ndarray, results: dict[str, float], device: torch.device, count: int
+) -> dict[str, list[tuple[int, float]]]:
+    """Series "rounds.<metric>_<set>" for the fine-tuned and control generators, one point per round.
+
+    The last round is the finetuned (control) set evaluated above; earlier
+    rounds are evaluated here on the same evaluation latents.
+    """
+    config = params["evaluate"]
+    series: dict[str, list[tuple[int, float]]] = {}
+    for set_name, directory in (("finetuned", paths.FINETUNE_CHECKPOINT.parent),
+                                ("control", paths.CONTROL_CHECKPOINT.parent)):
+        checkpoints = round_checkpoints(directory)
+        for key in ROUND_METRICS:
+            series[f"rounds.{key}_{set_name}"] = [(0, results[f"{key}_baseline"])]
+        for position, (round_index, checkpoint) in enumerate(checkpoints):
+            if position == len(checkpoints) - 1:
+                values = {key: results[f"{key}_{set_name}"] for key in ROUND_METRICS}
+            else:
+                generator, _, _ = load_gan(checkpoint, device)
+                latent_random = torch.Generator().manual_seed(stream_seed(config["seed"], "latents"))
+                latents = sample_latents(count, generator.latent_dim, latent_random)
+                images = generate_images(generator, latents, config["batch_size"], device)
+                features, labels = evaluation.images_to_features(evaluator, images, config["batch_size"], device)
+                values = evaluation.features_to_set_metrics(reference, features, labels, stream_seed(config["seed"], "kid"))
+            for key in ROUND_METRICS:
+                series[f"rounds.{key}_{set_name}"].append((round_index, values[key]))
+
+    table = pd.read_csv(paths.PLOTS_DIR / "finetune" / "rounds.csv")
+    for column in ("acceptance_rate", "num_kept", "threshold"):
+        if column in table:
+            points = zip(table["round"], table[column])
+            series[f"rounds.{column}"] = [(int(step), float(value)) for step, value in points if pd.notna(value)]
+    return series
+
+
 def main(params: dict) -> None:
     config = params["evaluate"]
     device = resolve_device(params["device"])
     seed_everything(config["seed"])
     evaluator = load_evaluator(paths.EVALUATOR_CHECKPOINT, device)
+    # Loaded first so that a missing weights file fails before any sampling.
+    extractor = load_inception(config["inception_weights"], device) if config["inception_weights"] else None
     test = data.load_split(paths.TEST_SPLIT)
     count = min(config["num_samples"], len(test))
     if count < config["num_samples"]:
@@ -96,6 +151,7 @@ def main(params: dict) -> None:
     results: dict[str, float] = {"num_samples": count, "num_samples_rejection": len(sets["rejection"]),
                                  "rejection_inference_acceptance_rate": len(sets["rejection"]) / max(num_drawn, 1)}
     class_fractions = {}
+    grids = {}
     for name in evaluation.SET_NAMES:
         features, labels = evaluation.images_to_features(evaluator, sets[name], config["batch_size"], device)
         set_metrics = evaluation.features_to_set_metrics(reference, features, labels, stream_seed(config["seed"], "kid"))
@@ -104,11 +160,26 @@ def main(params: dict) -> None:
                 class_fractions[f"{key}_{name}"] = value
             else:
                 results[f"{key}_{name}"] = value
-        save_grid(evaluation.per_class_examples(sets[name], labels), paths.EVALUATE_DIR / f"classes_{name}.png")
+        grids[name] = evaluation.per_class_examples(sets[name], labels)
         logger.info("%s: FID %.2f, precision %.3f, recall %.3f", name, set_metrics["fid"],
                     set_metrics["precision"], set_metrics["recall"])
 
+    if extractor is not None:
+        inception_reference = images_to_inception_features(extractor, test.images[:count], config["batch_size"], device)
+        for name in evaluation.SET_NAMES:
+            features = images_to_inception_features(extractor, sets[name], config["batch_size"], device)
+            results[f"fid_inception_{name}"] = metrics.features_to_fid(inception_reference, features)
+
+    # All grids appear at once, so an interrupted run leaves no partial data/evaluate.
+    with atomic_path(paths.EVALUATE_DIR) as directory:
+        directory.mkdir()
+        for name, grid in grids.items():
+            save_grid(grid, directory / f"classes_{name}.png")
+
     results["fid_gain_vs_control"] = (results["fid_control"] - results["fid_finetuned"]) / results["fid_control"]
+    diversity_messages = diversity_drops(results, config["max_recall_drop"])
+    for message in diversity_messages:
+        logger.warning("diversity warning: %s", message)
     write_json(paths.METRICS_DIR / "evaluate.json", results)
     write_json(paths.METRICS_DIR / "evaluate_classes.json", class_fractions)
 
@@ -118,10 +189,24 @@ def main(params: dict) -> None:
         losses = pd.read_csv(paths.PLOTS_DIR / stage / "losses.csv")
         for column in ("loss_d", "loss_g"):
             step_metrics[f"{stage}.{column}"] = list(zip(losses["step"], losses[column]))
+    step_metrics.update(_round_metrics(params, evaluator, reference, results, device, count))
     artifacts = [*ARTIFACTS, *sorted(paths.EVALUATE_DIR.glob("*.png")), paths.PARAMS, paths.LOCK]
+
+    # Timings differ on every run, so costs stay out of DVC's outputs. metrics/costs.json is a
+    # top-level metrics file that `dvc exp show` lists. Evaluate's own cost ends here, before logging.
+    costs = {**tracking.read_stage_costs(), "evaluate": {**current_stage_cost(), "source": "workspace"}}
+    cost_logged, cost_tags = tracking.cost_metrics(costs)
+    write_json(tracking.COSTS_METRICS, {
+        tracking.KEY_RSFT_OVERHEAD: cost_logged.get(tracking.KEY_RSFT_OVERHEAD),
+        **{stage: {key: cost[key] for key in tracking.COST_FIELDS if key in cost} for stage, cost in costs.items()},
+    })
+
     tracking.log_run(
-        params["tracking"]["experiment"], params, logged, tracking.lineage_tags(str(device)), artifacts,
+        params["tracking"]["experiment"], params, {**logged, **cost_logged},
+        {**tracking.lineage_tags(str(device)), **cost_tags, DIVERSITY_TAG: str(bool(diversity_messages)).lower()},
+        artifacts,
         step_metrics=step_metrics, run_name=tracking.run_name(params),
+        datasets=[tracking.prepared_dataset(paths.PREPARED_DIR, paths.LOCK)],
     )
 
 

@@ -1,12 +1,18 @@
-"""Stage finetune: fine-tune the trained generator on the kept fakes (finetune.method)."""
+"""Stage finetune: fine-tune the trained GAN on the kept fakes by finetune.method, for finetune.rounds rounds.
+
+Writes data/finetune/checkpoint.pt (the last round) and round_<k>/ for every
+round; see rsft/finetuning.py for the methods and what a round stores.
+"""
 
 import logging
 
 import numpy as np
+import pandas as pd
 
 from rsft import paths
-from rsft.finetuning import finetune_stage
-from rsft.runtime import resolve_device, run_stage, seed_everything, write_json
+from rsft.calibration import Calibrator
+from rsft.finetuning import RoundInput, finetune_stage
+from rsft.runtime import read_json, resolve_device, run_stage, seed_everything, write_json
 
 logger = logging.getLogger("stages.finetune")
 
@@ -16,9 +22,21 @@ def main(params: dict) -> None:
     seed_everything(params["finetune"]["seed"])
     with np.load(paths.KEPT, allow_pickle=False) as kept:
         kept_images = kept["images"]
-    metrics = finetune_stage(params, params["finetune"]["method"], kept_images, device, "finetune")
+    accepted = pd.read_parquet(paths.DECISIONS)["accepted"].to_numpy()
+    first_round = RoundInput(
+        kept_images=kept_images,
+        acceptance_rate=float(accepted.mean()),
+        calibrator=Calibrator.from_dict(read_json(paths.CALIBRATOR)),
+        threshold=params["threshold"] if params["reject"]["rule"] == "threshold" else None,
+        num_scored=len(accepted),
+    )
+
+    metrics = finetune_stage(params, params["finetune"]["method"], first_round, device, "finetune")
     write_json(paths.METRICS_DIR / "finetune.json", metrics)
-    logger.info("fine-tuned on %d kept fakes for %d steps", metrics["num_kept"], metrics["steps"])
+    logger.info(
+        "fine-tuned by %s for %d round(s) of %d steps on %d kept fakes (first round)",
+        metrics["method"], metrics["rounds"], metrics["steps"], metrics["num_kept"],
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ logger = logging.getLogger("stages.prepare")
 
 
 def main(params: dict) -> None:
-    train, test = data.load_fashion_mnist(params["data"]["dir"])
+    train, test = data.load_fashion_mnist(params["data"]["dir"], params["data"]["verify_checksum"])
     train, validation = data.split_train_validation(
         train, params["data"]["validation_size"], params["data"]["limit"], params["seed"]
     )

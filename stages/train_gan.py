@@ -40,11 +40,13 @@ def main(params: dict) -> None:
 
     model_config = {key: config[key] for key in ("latent_dim", "base_channels", "spectral_norm")}
     state = gan_state(generator, discriminator, optimizer_g, optimizer_d, model_config, num_steps)
-    paths.GAN_DIR.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(state, paths.GAN_CHECKPOINT)
 
     preview_latents = sample_latents(100, config["latent_dim"], torch.Generator().manual_seed(params["seed"]))
-    save_grid(generate_images(generator, preview_latents, 100, device), paths.GAN_SAMPLES)
+    # The whole output directory appears at once, so a killed run leaves no partial data/gan.
+    with atomic_path(paths.GAN_DIR) as directory:
+        directory.mkdir()
+        save_checkpoint(state, directory / paths.GAN_CHECKPOINT.name)
+        save_grid(generate_images(generator, preview_latents, 100, device), directory / paths.GAN_SAMPLES.name)
 
     losses = pd.DataFrame([record.__dict__ for record in records])
     with atomic_path(paths.PLOTS_DIR / "train_gan" / "losses.csv") as temporary:

@@ -102,7 +102,14 @@ def tiny_repo(tmp_path: Path) -> Path:
 @pytest.fixture
 def reproduced_copy(reproduced_repo: Path, tmp_path: Path) -> Path:
     """A private copy of the reproduced repository (git, DVC cache, MLflow store and all)."""
-    return Path(shutil.copytree(reproduced_repo, tmp_path / "copy", symlinks=True))
+    import sqlite3
+
+    root = Path(shutil.copytree(reproduced_repo, tmp_path / "copy", symlinks=True))
+    # MLflow stores an experiment's artifact location as an absolute URI, so the
+    # copied store would still write into the original; point it at the copy.
+    with sqlite3.connect(root / "mlflow.db") as database:
+        database.execute("UPDATE experiments SET artifact_location = ?", ((root / "mlartifacts").as_uri(),))
+    return root
 
 
 def mlflow_runs(root: Path, experiment: str = "rsft") -> list:
