@@ -14,6 +14,12 @@ the GAN's training). Results are appended to <work-dir>/results.jsonl as they
 arrive, so an interrupted run can be resumed or reported with --report-only.
 
     python -m benchmarks.compare_methods --work-dir /tmp/compare
+    python -m benchmarks.compare_methods --work-dir /tmp/compare --plan top50:weighted "p>0.5:topk"
+    python -m benchmarks.compare_methods --work-dir /tmp/compare --rounds 2 --plan top50:topk
+
+The second and third commands reuse the cached models and add rows to the
+same table. With --rounds k, the control runs k * --steps updates and the
+rows are named "<set> (k rounds)".
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=3000, help="images per evaluated set")
     parser.add_argument("--plan", nargs="+", default=["top50:mixed", "top50:topk", "top50:adversarial"],
                         help="rule:method pairs to fine-tune; rules: " + ", ".join(RULES))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="finetune.rounds; the control then runs rounds * steps updates")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="print the table of results.jsonl and exit")
     return parser.parse_args()
@@ -136,16 +144,18 @@ def print_table(rows: list[dict]) -> None:
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["set"], []).append(row)
-    control_fid = {row["seed"]: row["fid"] for row in groups.get(CONTROL, [])}
+    control_fid = {(row["seed"], row.get("rounds", 1)): row["fid"]
+                   for name, members in groups.items() if name.startswith(CONTROL) for row in members}
 
     header = f"{'set':<22} {'n':>2} " + " ".join(f"{name:>16}" for name in SHOWN_METRICS)
     print(header + f" {'acc. rate':>9} {'FID gain vs control':>20}")
     for name, members in groups.items():
         cells = " ".join(f"{mean_sd([m[key] for m in members]):>16}" for key in SHOWN_METRICS)
         acceptance = members[0].get("acceptance_rate")
-        gains = [(control_fid[m["seed"]] - m["fid"]) / control_fid[m["seed"]]
-                 for m in members if m.get("seed") in control_fid]
-        gain = mean_sd(gains) if gains and name != CONTROL else ""
+        keys = [(m.get("seed"), m.get("rounds", 1)) for m in members]
+        gains = [(control_fid[key] - member["fid"]) / control_fid[key]
+                 for key, member in zip(keys, members) if key in control_fid]
+        gain = mean_sd(gains) if gains and not name.startswith(CONTROL) else ""
         rate = f"{acceptance:.3f}" if acceptance is not None else ""
         print(f"{name:<22} {len(members):>2} {cells} {rate:>9} {gain:>20}")
 
@@ -188,7 +198,8 @@ def main() -> None:
         record("baseline", generate_images(generator, latents, 500, device))
 
     # Score fakes and fit the calibration once, as the score stage does.
-    fakes = generate_images(generator, sample_latents(args.num_fakes, 64, torch.Generator().manual_seed(1)), 500, device)
+    scored_latents = sample_latents(args.num_fakes, 64, torch.Generator().manual_seed(1))
+    fakes = generate_images(generator, scored_latents, 500, device)
     logits = discriminator_logits(discriminator, fakes, 500, device)
     fresh = generate_images(generator, sample_latents(2500, 64, torch.Generator().manual_seed(2)), 500, device)
     calibrator = fit_calibrator("platt", discriminator_logits(discriminator, validation.images[:2500], 500, device),
@@ -197,9 +208,11 @@ def main() -> None:
 
     base_params = {
         "threshold": 0.5, "train_gan": {"log_every": 50},
+        "generate": {"num_samples": args.num_fakes, "batch_size": 500},
+        "score": {"calibration": "platt", "num_calibration": 5000},
         "reject": {"rule": "quantile", "keep_fraction": 0.5, "drs_gamma_percentile": 80.0, "drs_epsilon": 1e-6},
         "finetune": {"method": "mixed", "real_fraction": 0.5, "steps": args.steps, "batch_size": args.batch_size,
-                     "lr": 2e-4, "seed": 0, "rounds": 1, "threshold_step": 0.0},
+                     "lr": 2e-4, "seed": 0, "rounds": args.rounds, "threshold_step": 0.0},
     }
     rules = {}
     for rule_name in {entry.split(":")[0] for entry in args.plan}:
@@ -211,16 +224,18 @@ def main() -> None:
         rules[rule_name] = RoundInput(fakes[decisions.accepted], float(decisions.accepted.mean()), calibrator,
                                       num_scored=len(fakes))
         if (f"rejection {rule_name}", None) not in done:
-            images, drawn = evaluation.sample_with_rejection(
+            images, _ = evaluation.sample_with_rejection(
                 generator, discriminator, decisions.rule, calibrator, count, count * 100, 500, 3, device
             )
-            record(f"rejection {rule_name}", images, acceptance_rate=len(images) / drawn)
+            # The rate on the scored fakes: images / drawn would count the unused rest of the last batch.
+            record(f"rejection {rule_name}", images, acceptance_rate=float(decisions.accepted.mean()))
 
     for seed in args.seeds:
         params = {**base_params, "finetune": {**base_params["finetune"], "seed": seed}}
+        suffix = f" ({args.rounds} rounds)" if args.rounds > 1 else ""
         for entry in [CONTROL, *args.plan]:
             rule_name, _, method = entry.rpartition(":")
-            if (entry, seed) in done or (rule_name and rule_name not in rules):
+            if (entry + suffix, seed) in done or (rule_name and rule_name not in rules):
                 continue
             state_generator, state_discriminator, state = load_gan(gan_path, device)
             torch.manual_seed(seed)
@@ -228,11 +243,12 @@ def main() -> None:
                 finetune_rounds(params, method, state, (state_generator, state_discriminator), train.images,
                                 validation.images, rules.get(rule_name), Path(output), device)
             extra = {"acceptance_rate": rules[rule_name].acceptance_rate} if rule_name else {}
-            record(entry, generate_images(state_generator, latents, 500, device), seed, **extra)
+            record(entry + suffix, generate_images(state_generator, latents, 500, device), seed,
+                   rounds=args.rounds, **extra)
 
     print(f"scale: GAN {args.gan_steps} updates at batch {args.batch_size} (base_channels {args.base_channels}); "
           f"fine-tuning {args.steps} updates at batch {args.batch_size}; {count} evaluation samples; "
-          f"seeds {args.seeds}; {time.perf_counter() - started:.0f} s")
+          f"{args.rounds} round(s); seeds {args.seeds}; {time.perf_counter() - started:.0f} s")
     print_table(load_results(results_path))
 
 

@@ -34,7 +34,7 @@ threshold rises by `finetune.threshold_step` per round, capped at
 MAX_ROUND_THRESHOLD. The round then fine-tunes from the previous round's
 generator, discriminator and optimizer state.
 
-All rounds run inside the finetune stage, and its output directory holds
+All rounds run inside the finetune stage, and its output directory contains
 every round (round_<k>/checkpoint.pt, and for k >= 2 the kept fakes, fitted
 rule and calibrator of that round). One stage rather than a DVC `foreach`
 over rounds, because round k needs round k - 1's checkpoint: a `foreach`

@@ -120,7 +120,9 @@ def _round_metrics(
                 latents = sample_latents(count, generator.latent_dim, latent_random)
                 images = generate_images(generator, latents, config["batch_size"], device)
                 features, labels = evaluation.images_to_features(evaluator, images, config["batch_size"], device)
-                values = evaluation.features_to_set_metrics(reference, features, labels, stream_seed(config["seed"], "kid"))
+                values = evaluation.features_to_set_metrics(
+                    reference, features, labels, stream_seed(config["seed"], "kid")
+                )
             for key in ROUND_METRICS:
                 series[f"rounds.{key}_{set_name}"].append((round_index, values[key]))
 
