@@ -43,7 +43,7 @@ def images_to_features(
 def features_to_set_metrics(
     reference: np.ndarray, features: np.ndarray, labels: np.ndarray, seed: int
 ) -> dict[str, float]:
-    """All metrics of one sample set against the reference (test) features.
+    """Compute every metric of one sample set against the reference (test) features.
 
     Returns:
         fid, kid_mean, kid_std, precision, recall, density, coverage,

@@ -5,7 +5,7 @@ FID in the features of the TensorFlow Inception v3 port used by torch-fidelity.
 When `evaluate.inception_weights` names a local file of those weights (for
 example weights-inception-2015-12-05-6726825d.pth from the torch-fidelity
 releases), `evaluate` also reports `fid_inception_<set>`. Nothing is downloaded:
-a missing file or package is an error that says what to install.
+a missing file or package raises an error that names what to install.
 
 Needs the optional packages torch-fidelity and a torchvision build that
 matches the installed torch; neither is in requirements.txt.

@@ -42,7 +42,7 @@ VERSIONED_PACKAGES = ("torch", "dvc", "mlflow", "numpy", "pandas", "scikit-learn
 
 
 def repository_root() -> Path:
-    """The DVC repository whose store receives runs: DVC_ROOT, else the working directory."""
+    """Return the DVC repository whose store receives runs: DVC_ROOT, else the working directory."""
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
@@ -52,7 +52,7 @@ def tracking_uri(root: Path) -> str:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI, else None."""
+    """Return the database file of a `sqlite:///` tracking URI, else None."""
     prefix = "sqlite:///"
     return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
 
@@ -196,7 +196,7 @@ def prepared_dataset(directory: Path, lock_file: Path) -> DatasetRecord:
 
 
 def run_name(params: dict[str, Any]) -> str:
-    """The DVC experiment name when DVC sets one, else a name built from the rule."""
+    """Return the DVC experiment name when DVC sets one, else a name built from the rule and method."""
     name = os.environ.get("DVC_EXP_NAME")
     if name:
         return name

@@ -1,8 +1,8 @@
 """Degenerate inputs: a single-class dataset, data.limit and generate.num_samples below a batch, threshold 0 and 1,
 one kept fake, and rejection at inference that keeps too few fakes to evaluate.
 
-Stages run in-process (their `main`) in a workspace without DVC, which is
-cheap enough to cover each case; the last test runs the real evaluate stage.
+Stages run in-process (their `main`) in a workspace without DVC, because that is
+cheap enough to cover each case. The last test runs the real evaluate stage.
 """
 
 import contextlib

@@ -1,4 +1,4 @@
-"""Optional Inception FID: its failures must say what to do, and nothing is downloaded."""
+"""Optional Inception FID: each failure names the fix, and nothing is downloaded."""
 
 import importlib.util
 

@@ -57,7 +57,7 @@ def test_drs_rule_reruns_only_downstream(reproduced_copy):
 
 
 def test_unreachable_threshold_fails_with_quantiles(reproduced_copy):
-    # p > 1 is impossible, so nothing passes and the error must say what was observed.
+    # p > 1 is impossible, so nothing passes and the error must report the observed p.
     params = (reproduced_copy / "params.yaml").read_text().replace("threshold: 0.0", "threshold: 1.0")
     (reproduced_copy / "params.yaml").write_text(params)
     result = run(["dvc", "repro", "reject"], reproduced_copy, check=False)
