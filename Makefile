@@ -37,7 +37,7 @@ test: data
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
-# The threshold trade-off (reports/tradeoff.png, .csv, .md) from the MLflow runs.
+# The threshold trade-off (reports/tradeoff.png, .csv, .md) and the seed means (reports/seeds.csv, .md) from the MLflow runs.
 report: setup
 	python -m rsft.report --output reports
 
