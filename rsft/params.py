@@ -113,11 +113,12 @@ SCHEMA: dict[str, Spec] = {
 
 
 class _ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two differences that catch hand-editing mistakes.
+    """PyYAML's safe loader with three differences that catch hand-editing mistakes.
 
     Floats follow YAML 1.2, the version DVC's parser implements, so `lr: 1e-4`
     is the number 0.0001 here as it is for DVC (YAML 1.1 reads it as a string).
-    A key repeated in one mapping is an error instead of silently keeping the
+    Booleans follow YAML 1.2 too: only true and false, so `yes`, `no`, `on`
+    and `off` stay strings, as DVC reads them, and fail validation. A key repeated in one mapping is an error instead of silently keeping the
     last value.
     """
 
@@ -135,6 +136,15 @@ class _ParamsLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# add_implicit_resolver gave the loader its own copy of the resolvers; drop YAML 1.1's booleans from it.
+_ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers
+            if tag != "tag:yaml.org,2002:bool" or pattern.pattern.startswith("^(?:true|True")]
+    for first, resolvers in _ParamsLoader.yaml_implicit_resolvers.items()
+}
 _ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(

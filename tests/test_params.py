@@ -120,6 +120,26 @@ def test_scientific_notation_is_number(tmp_path):
     assert load_params(path)["train_gan"]["lr"] == pytest.approx(2e-4)
 
 
+@pytest.mark.parametrize("word", ["yes", "no", "on", "off", "Yes"])
+def test_yaml_11_boolean_word_rejected(tmp_path, word):
+    # DVC reads YAML 1.2, where these words are strings, so accepting them as booleans would disagree with DVC.
+    path = tmp_path / "params.yaml"
+    text = (REPO_ROOT / "params.yaml").read_text()
+    path.write_text(text.replace("  spectral_norm: false\n", f"  spectral_norm: {word}\n", 1))
+    with pytest.raises(ParamsError) as raised:
+        load_params(path)
+    assert "train_gan.spectral_norm" in str(raised.value)
+    assert word in str(raised.value)
+    assert "true or false" in str(raised.value)
+
+
+def test_yaml_12_boolean_accepted(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = (REPO_ROOT / "params.yaml").read_text()
+    path.write_text(text.replace("  spectral_norm: false\n", "  spectral_norm: True\n", 1))
+    assert load_params(path)["train_gan"]["spectral_norm"] is True
+
+
 def test_invalid_yaml_names_file(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("threshold: [0.5\n")
