@@ -117,6 +117,15 @@ def test_report_lists_every_threshold(swept_repo):
     assert (root / "reports" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_seed_table_per_threshold(swept_repo):
+    root, thresholds = swept_repo
+    summary = pd.read_csv(root / "reports" / "seeds.csv")
+    assert sorted(summary["threshold"]) == pytest.approx([0.0, *sorted(map(float, thresholds))])
+    assert summary["num_seeds"].tolist() == [1] * (len(thresholds) + 1)
+    assert summary["fid_finetuned_mean"].notna().all()
+    assert "± " not in (root / "reports" / "seeds.md").read_text()
+
+
 def test_exp_apply_reproduces_run(swept_repo):
     root, _ = swept_repo
     logged = sweep_runs(root)[0]

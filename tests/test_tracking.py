@@ -220,4 +220,4 @@ def test_report_keeps_newest_run_per_setting():
         {"run_id": "high", "start_time": 4, "reject.rule": "threshold", "finetune.method": "mixed", "threshold": 0.9,
          GAN_TAG: "gan-a"},
     ])
-    assert list(select_comparable(frame)["run_id"]) == ["new", "high"]
+    assert list(select_comparable(frame, ["reject.rule", "finetune.method", "threshold"])["run_id"]) == ["new", "high"]
