@@ -77,7 +77,13 @@ def runs_to_frame(runs: list[Any]) -> tuple[pd.DataFrame, list[str]]:
         for key in ("git_commit", "dvc_exp_name", "dvc_exp_commit", GAN_TAG):
             row[key] = run.data.tags.get(key, "")
         rows.append(row)
-    return pd.DataFrame(rows), sorted(params)
+    frame = pd.DataFrame(rows)
+    for key in params:
+        # A param that is a number in some runs and text in others would break sorting and grouping.
+        kinds = {isinstance(value, str) for value in frame[key].dropna()}
+        if len(kinds) > 1:
+            frame[key] = frame[key].map(lambda value: value if pd.isna(value) else str(value))
+    return frame, sorted(params)
 
 
 def _param_value(text: str) -> float | str:

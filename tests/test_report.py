@@ -100,3 +100,15 @@ def test_figure_has_one_line_per_method(runs):
     figure = report.tradeoff_figure(report.select_comparable(runs, PARAMS), PARAMS)
     labels = figure.axes[1].get_legend_handles_labels()[1]
     assert [label for label in labels if label.startswith("RSFT")] == ["RSFT (method=mixed)", "RSFT (method=topk)"]
+
+
+def test_frame_mixed_param_types_as_text():
+    class Run:
+        def __init__(self, run_id: str, value: str):
+            self.info = type("Info", (), {"run_id": run_id, "run_name": run_id, "start_time": 0})()
+            self.data = type("Data", (), {"params": {"tracking.experiment": value}, "metrics": {}, "tags": {}})()
+
+    frame, params = report.runs_to_frame([Run("a", "1"), Run("b", "rsft")])
+    assert params == ["tracking.experiment"]
+    assert frame["tracking.experiment"].tolist() == ["1.0", "rsft"]
+    assert len(report.select_comparable(frame.assign(start_time=[1, 2]), params)) == 2
