@@ -14,7 +14,9 @@ keeps the newest run per setting, and writes to the output folder:
   generator against the threshold, one line per setting of the other varied
   params (seed means, with error bars of one standard deviation when a setting
   has several seeds). The baseline (trained generator) and the control
-  (trained longer on real data) are dashed reference lines. A last panel plots
+  (trained longer on real data) are dashed reference lines at their median
+  over all runs, so settings with other fine-tuning budgets share one control
+  line; seeds.csv pairs each setting with its own control. A last panel plots
   FID against acceptance rate for every rule.
 
 Only runs that start from the same trained GAN (the `dvc.md5.data/gan` tag)
@@ -57,6 +59,7 @@ SEED_TABLE_METRICS = ("acceptance_rate", "fid_finetuned", "fid_gain_vs_control",
                       "recall_rejection")
 PANELS = (("acceptance_rate", "acceptance rate"), ("fid", "FID (lower is better)"),
           ("precision", "precision"), ("recall", "recall"))
+LEGEND_COLUMNS = 3
 # The columns of tradeoff.csv and tradeoff.md after run_name and the varied params.
 TABLE_COLUMNS = ("acceptance_rate", "fid_finetuned", "precision_finetuned", "recall_finetuned",
                  "coverage_finetuned", "fid_baseline", "fid_control", "fid_gain_vs_control", "rsft_overhead",
@@ -180,12 +183,15 @@ def tradeoff_figure(frame: pd.DataFrame, params: list[str]):
     """Plot the trade-off panels and return the matplotlib figure."""
     from rsft.plots import plt
 
-    figure, axes = plt.subplots(1, len(PANELS) + 1, figsize=(4 * (len(PANELS) + 1), 3.6))
     by_threshold = frame[frame["reject.rule"] == "threshold"]
     # One line per combination of the other varied params; seeds are averaged.
     line_keys = [key for key in varying_params(by_threshold, params)
                  if key not in ("threshold", "reject.rule", SEED_PARAM)]
-    lines = by_threshold.groupby(line_keys, dropna=False) if line_keys else [((), by_threshold)]
+    lines = list(by_threshold.groupby(line_keys, dropna=False)) if line_keys else [((), by_threshold)]
+    # The legend goes below the panels, LEGEND_COLUMNS entries per row, each row adding to the figure's height.
+    legend_rows = -(-(len(lines) + 2) // LEGEND_COLUMNS)
+    legend_height = 0.25 * legend_rows + 0.2
+    figure, axes = plt.subplots(1, len(PANELS) + 1, figsize=(4 * (len(PANELS) + 1), 3.6 + legend_height))
 
     for axis, (key, label) in zip(axes, PANELS):
         column = key if key == "acceptance_rate" else f"{key}_finetuned"
@@ -201,7 +207,8 @@ def tradeoff_figure(frame: pd.DataFrame, params: list[str]):
                     axis.axhline(frame[f"{key}_{reference}"].median(), color=style, linestyle="--", label=reference)
         axis.set_xlabel("threshold")
         axis.set_title(label)
-    axes[1].legend(fontsize="small")
+    handles, labels = axes[1].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=LEGEND_COLUMNS, fontsize="small", frameon=False)
 
     # Every rule on one axis: FID of the fine-tuned generator against the fraction of fakes kept.
     axis = axes[-1]
@@ -211,7 +218,7 @@ def tradeoff_figure(frame: pd.DataFrame, params: list[str]):
     axis.set_title("FID vs acceptance rate")
     axis.legend(fontsize="small")
 
-    figure.tight_layout()
+    figure.tight_layout(rect=(0.0, legend_height / (3.6 + legend_height), 1.0, 1.0))
     return figure
 
 

@@ -98,7 +98,7 @@ def test_table_columns_include_seed(runs):
 
 def test_figure_has_one_line_per_method(runs):
     figure = report.tradeoff_figure(report.select_comparable(runs, PARAMS), PARAMS)
-    labels = figure.axes[1].get_legend_handles_labels()[1]
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
     assert [label for label in labels if label.startswith("RSFT")] == ["RSFT (method=mixed)", "RSFT (method=topk)"]
 
 
