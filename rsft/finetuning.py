@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,7 +68,7 @@ from rsft.checkpoint import gan_state, load_gan, save_checkpoint
 from rsft.errors import RsftError
 from rsft.models import Discriminator, Generator
 from rsft.params import FINETUNE_METHODS
-from rsft.rejection import NoFakesAcceptedError, check_accepted
+from rsft.rejection import NoFakesAcceptedError, check_accepted, p_quantiles, suggest_threshold
 from rsft.runtime import atomic_path, stream_seed
 from rsft.sampling import discriminator_logits, generate_images
 from rsft.training import FakeWeights, LossRecord, make_adam, sample_latents, train_adversarial
@@ -275,13 +276,16 @@ def select_round_input(
     description = f"reject.rule={rule}"
     if rule == "threshold":
         description = f"threshold={threshold:g} on p (score.calibration={params['score']['calibration']})"
-    try:
-        check_accepted(decisions.accepted, p, f"{description} in round {round_index}")
-    except NoFakesAcceptedError as error:
-        raise RsftError(
-            f"round {round_index}: {error} In later rounds the threshold is threshold + "
-            f"(round - 1) * finetune.threshold_step; lower finetune.threshold_step or finetune.rounds."
-        ) from None
+    if params["finetune"]["method"] == "weighted" and not decisions.accepted.any():
+        # weighted trains on real images with p-weighted fakes, so an empty kept set is only recorded.
+        logger.warning("round %d: no fake passed %s; weighted does not use the kept set", round_index, description)
+    elif rule == "threshold" and not decisions.accepted.any():
+        raise RsftError(no_round_fakes_message(p, params, round_index, threshold))
+    else:
+        try:
+            check_accepted(decisions.accepted, p, f"{description} in round {round_index}")
+        except NoFakesAcceptedError as error:
+            raise RsftError(f"round {round_index}: {error} Or lower finetune.rounds.") from None
 
     accepted = decisions.accepted
     round_input = RoundInput(
@@ -294,6 +298,26 @@ def select_round_input(
     artifacts = {"images": fakes[accepted], "logits": logits[accepted], "rule": decisions.rule.to_dict(),
                  "calibrator": calibrator.to_dict()}
     return round_input, artifacts
+
+
+def no_round_fakes_message(p: np.ndarray, params: dict[str, Any], round_index: int, threshold: float) -> str:
+    """Explain an empty kept set of round `round_index` >= 2 under the threshold rule, with a step that keeps fakes."""
+    base, step = params["threshold"], params["finetune"]["threshold_step"]
+    quantiles = p_quantiles(p)
+    message = (
+        f"round {round_index}: no fake passed threshold={threshold:g} on p of this round's GAN "
+        f"(threshold {base:g} + {round_index - 1} x finetune.threshold_step {step:g}, capped at "
+        f"{MAX_ROUND_THRESHOLD:g}; observed p: median {quantiles['p50']:.3g}, max {quantiles['p100']:.3g})."
+    )
+    suggested = suggest_threshold(p)
+    if suggested is not None and suggested > base:
+        # The largest two-decimal step whose round threshold stays at or below the suggestion.
+        fitting_step = math.floor((suggested - base) / (round_index - 1) * 100) / 100
+        return (f"{message} Lower finetune.threshold_step, e.g. dvc exp run -S finetune.threshold_step={fitting_step:g}, "
+                f"or lower finetune.rounds.")
+    return (f"{message} Even threshold={base:g} keeps too few fakes of this round: lower threshold and "
+            f"finetune.threshold_step (e.g. -S threshold={suggested if suggested is not None else 0:g} "
+            f"-S finetune.threshold_step=0), or lower finetune.rounds.")
 
 
 def _save_round_artifacts(directory: Path, artifacts: dict[str, Any]) -> None:

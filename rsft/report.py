@@ -235,6 +235,7 @@ def write_report(experiment: str, output: Path, link: bool = True) -> pd.DataFra
     """
     import mlflow
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     from rsft.plots import save_figure
 
@@ -243,6 +244,8 @@ def write_report(experiment: str, output: Path, link: bool = True) -> pd.DataFra
     database = tracking.sqlite_path(uri)
     if database is not None and not database.is_file():
         raise TrackingError(f"no MLflow store at {database}; run `dvc repro` first, or set MLFLOW_TRACKING_URI")
+    if database is not None:
+        _check_sqlite_store(database)
     if link:
         linked = tracking.link_experiment_commits(experiment, root)
         logger.info("tagged %d run(s) with their DVC experiment commit", linked)
@@ -252,8 +255,14 @@ def write_report(experiment: str, output: Path, link: bool = True) -> pd.DataFra
         found = client.get_experiment_by_name(experiment)
         runs = [] if found is None else client.search_runs(
             [found.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
-    except (MlflowException, OSError) as error:
+    except (MlflowException, SQLAlchemyError, OSError) as error:
         raise TrackingError(f"cannot read the MLflow store {uri}: {error}") from None
+    if found is None:
+        names = ", ".join(sorted(item.name for item in client.search_experiments())) or "none"
+        raise TrackingError(
+            f"no experiment named {experiment!r} in {uri} (found: {names}); pass --experiment with the name set in "
+            f"params.yaml tracking.experiment"
+        )
     if not runs:
         raise TrackingError(
             f"experiment {experiment!r} in {uri} has no finished run; run `dvc repro` or `dvc exp run` first, "
@@ -263,19 +272,34 @@ def write_report(experiment: str, output: Path, link: bool = True) -> pd.DataFra
     frame, params = runs_to_frame(runs)
     frame = select_comparable(frame, params)
     summary = summarize_seeds(frame, params)
-    output.mkdir(parents=True, exist_ok=True)
     columns = table_columns(frame, params)
-    with atomic_path(output / "tradeoff.csv") as temporary:
-        frame[columns].to_csv(temporary, index=False)
-    with atomic_path(output / "tradeoff.md") as temporary:
-        temporary.write_text(frame_to_markdown(frame, columns))
-    with atomic_path(output / "seeds.csv") as temporary:
-        summary.to_csv(temporary, index=False)
-    with atomic_path(output / "seeds.md") as temporary:
-        temporary.write_text(seeds_to_markdown(summary))
-    save_figure(tradeoff_figure(frame, params), output / "tradeoff.png")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output / "tradeoff.csv") as temporary:
+            frame[columns].to_csv(temporary, index=False)
+        with atomic_path(output / "tradeoff.md") as temporary:
+            temporary.write_text(frame_to_markdown(frame, columns))
+        with atomic_path(output / "seeds.csv") as temporary:
+            summary.to_csv(temporary, index=False)
+        with atomic_path(output / "seeds.md") as temporary:
+            temporary.write_text(seeds_to_markdown(summary))
+        save_figure(tradeoff_figure(frame, params), output / "tradeoff.png")
+    except OSError as error:
+        raise RsftError(f"cannot write the report to {output}: {error}; pass --output a writable folder") from None
     logger.info("wrote the trade-off of %d run(s) in %d setting(s) to %s", len(frame), len(summary), output)
     return frame
+
+
+def _check_sqlite_store(database: Path) -> None:
+    # MLflow would write its schema into an empty file and fail with a traceback on any other file.
+    with open(database, "rb") as stream:
+        header = stream.read(16)
+    if header != b"SQLite format 3\x00":
+        state = "empty" if not header else "not an SQLite database"
+        raise TrackingError(
+            f"{database} is {state}, so it is not an MLflow store; run `dvc repro` to create one, or set "
+            f"MLFLOW_TRACKING_URI to the store to read"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,9 +33,10 @@ def main(params: dict) -> None:
 
     metrics = finetune_stage(params, params["finetune"]["method"], first_round, device, "finetune")
     write_json(paths.METRICS_DIR / "finetune.json", metrics)
+    # Only adversarial and mixed train on the kept fakes; topk takes k from their share, weighted ignores them.
     logger.info(
-        "fine-tuned by %s for %d round(s) of %d steps on %d kept fakes (first round)",
-        metrics["method"], metrics["rounds"], metrics["steps"], metrics["num_kept"],
+        "fine-tuned by %s for %d round(s) of %d steps; the first round's rule kept %d of %d fakes",
+        metrics["method"], metrics["rounds"], metrics["steps"], metrics["num_kept"], first_round.num_scored,
     )
 
 

@@ -18,7 +18,7 @@ from rsft.checkpoint import gan_state
 from rsft.errors import RsftError
 from rsft.finetuning import (
     CONTROL, MAX_ROUND_THRESHOLD, RoundInput, diversity_drops, fake_weights_for, finetune_rounds, round_checkpoints,
-    round_threshold, select_top_fraction, update_count,
+    round_threshold, select_round_input, select_top_fraction, update_count,
 )
 from rsft.models import Discriminator, Generator
 from rsft.params import FINETUNE_METHODS
@@ -235,3 +235,29 @@ def test_rounds_log_metrics_per_round(reproduced_copy):
         assert steps == [0, 1, 2], key
     steps = sorted(metric.step for metric in client.get_metric_history(newest.info.run_id, "rounds.acceptance_rate"))
     assert steps == [1, 2]
+
+
+def round_two_params(method: str) -> dict:
+    # Threshold 0 rising by 0.99 gives round 2 the capped threshold 0.99, which no fake of an untrained GAN passes.
+    params = tiny_params(method=method, rounds=2, threshold_step=0.99)
+    params["threshold"] = 0.0
+    params["reject"]["rule"] = "threshold"
+    return params
+
+
+def test_round_without_kept_fakes_suggests_step():
+    generator, discriminator, _ = fresh_gan()
+    with pytest.raises(RsftError) as raised:
+        select_round_input(generator, discriminator, images(40, 3), round_two_params("mixed"), 2, torch.device("cpu"))
+    message = str(raised.value)
+    assert "round 2: no fake passed threshold=0.99" in message
+    assert "dvc exp run -S finetune.threshold_step=0." in message
+
+
+def test_round_without_kept_fakes_weighted_continues():
+    generator, discriminator, _ = fresh_gan()
+    round_input, artifacts = select_round_input(
+        generator, discriminator, images(40, 3), round_two_params("weighted"), 2, torch.device("cpu")
+    )
+    assert round_input.acceptance_rate == 0.0
+    assert len(artifacts["images"]) == 0

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from rsft import report
+from rsft.errors import TrackingError
 
 PARAMS = ["finetune.method", "finetune.seed", "reject.rule", "threshold", "train_gan.epochs"]
 
@@ -112,3 +113,27 @@ def test_frame_mixed_param_types_as_text():
     assert params == ["tracking.experiment"]
     assert frame["tracking.experiment"].tolist() == ["1.0", "rsft"]
     assert len(report.select_comparable(frame.assign(start_time=[1, 2]), params)) == 2
+
+
+@pytest.mark.parametrize(("content", "state"), [(b"", "is empty"), (b"not a database\n", "is not an SQLite database")])
+def test_report_rejects_non_store(tmp_path, monkeypatch, content, state):
+    database = tmp_path / "mlflow.db"
+    database.write_bytes(content)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    with pytest.raises(TrackingError) as raised:
+        report.write_report("rsft", tmp_path / "out", link=False)
+    assert f"{database} {state}" in str(raised.value)
+    assert database.read_bytes() == content
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_names_missing_experiment(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("rsft", artifact_location=(tmp_path / "art").as_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingError) as raised:
+        report.write_report("rsfy", tmp_path / "out", link=False)
+    assert "no experiment named 'rsfy'" in str(raised.value)
+    assert "found: Default, rsft" in str(raised.value)
