@@ -95,8 +95,13 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Tracked files that `dvc repro`, `dvc exp run` or `make report` rewrite. A change in them does not make the
+# code of a run differ from its commit.
+PIPELINE_WRITTEN = ("params.yaml", "dvc.lock", "metrics/", "plots/", "reports/")
+
+
 def git_commit(root: Path) -> tuple[str | None, bool | None]:
-    """Return (HEAD commit, whether tracked files differ from it) or (None, None) outside git."""
+    """Return (HEAD commit, whether tracked files other than PIPELINE_WRITTEN differ from it), or (None, None)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
@@ -107,7 +112,14 @@ def git_commit(root: Path) -> tuple[str | None, bool | None]:
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None, None
-    return commit, bool(status.strip())
+    return commit, any(not is_pipeline_written(line) for line in status.splitlines() if line.strip())
+
+
+def is_pipeline_written(status_line: str) -> bool:
+    """Tell whether a `git status --porcelain` line names only PIPELINE_WRITTEN files."""
+    # The line is "XY path", or "XY old -> new" for a rename; both names must be pipeline-written.
+    names = status_line[3:].split(" -> ")
+    return all(name.strip('"').startswith(PIPELINE_WRITTEN) for name in names)
 
 
 def lock_hashes(lock_file: Path, exclude_stages: tuple[str, ...] = ()) -> dict[str, str]:

@@ -221,3 +221,38 @@ def test_report_keeps_newest_run_per_setting():
          GAN_TAG: "gan-a"},
     ])
     assert list(select_comparable(frame, ["reject.rule", "finetune.method", "threshold"])["run_id"]) == ["new", "high"]
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (" M dvc.lock", True),
+    (" M params.yaml", True),
+    (" M metrics/costs.json", True),
+    ("M  plots/finetune/losses.csv", True),
+    (" M rsft/finetuning.py", False),
+    (" M stages/finetune.py", False),
+    ("R  metrics/a.json -> rsft/a.py", False),
+    (" M metricsx.py", False),
+])
+def test_pipeline_written_status_lines(line, expected):
+    from rsft.tracking import is_pipeline_written
+
+    assert is_pipeline_written(line) is expected
+
+
+def test_git_dirty_ignores_pipeline_outputs(tmp_path):
+    from rsft.tracking import git_commit
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "metrics").mkdir()
+    for name in ("params.yaml", "metrics/costs.json", "code.py"):
+        (tmp_path / name).write_text("a\n")
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "x"],
+                   cwd=tmp_path, check=True)
+
+    (tmp_path / "metrics" / "costs.json").write_text("b\n")
+    (tmp_path / "params.yaml").write_text("b\n")
+    assert git_commit(tmp_path)[1] is False
+
+    (tmp_path / "code.py").write_text("b\n")
+    assert git_commit(tmp_path)[1] is True
