@@ -233,17 +233,22 @@ def select_round_input(
     discriminator: Discriminator,
     validation_images: np.ndarray,
     params: dict[str, Any],
+    method: str,
     round_index: int,
     device: torch.device,
 ) -> tuple[RoundInput, dict[str, Any]]:
     """Generate, score, calibrate and reject with the current GAN for round `round_index` >= 2.
+
+    `method` is the fine-tuning method of the round, which may differ from
+    params["finetune"]["method"] when a benchmark runs several methods.
 
     Returns:
         The round's input and the artifacts to store with it (kept images
         and logits, the fitted rule and the calibrator as dicts).
 
     Raises:
-        RsftError: No fake passed the rule, or calibration failed.
+        RsftError: No fake passed the rule (unless `method` is weighted, which
+            does not use the kept set), or calibration failed.
     """
     seed = params["finetune"]["seed"]
     batch_size = params["generate"]["batch_size"]
@@ -276,7 +281,7 @@ def select_round_input(
     description = f"reject.rule={rule}"
     if rule == "threshold":
         description = f"threshold={threshold:g} on p (score.calibration={params['score']['calibration']})"
-    if params["finetune"]["method"] == "weighted" and not decisions.accepted.any():
+    if method == "weighted" and not decisions.accepted.any():
         # weighted trains on real images with p-weighted fakes, so an empty kept set is only recorded.
         logger.warning("round %d: no fake passed %s; weighted does not use the kept set", round_index, description)
     elif rule == "threshold" and not decisions.accepted.any():
@@ -385,7 +390,7 @@ def finetune_rounds(
         else:
             if round_index > 1:
                 round_input, artifacts = select_round_input(
-                    generator, discriminator, validation_images, params, round_index, device
+                    generator, discriminator, validation_images, params, method, round_index, device
                 )
                 _save_round_artifacts(round_dir, artifacts)
             kept = _to_tensor(round_input.kept_images)

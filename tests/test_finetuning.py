@@ -248,7 +248,8 @@ def round_two_params(method: str) -> dict:
 def test_round_without_kept_fakes_suggests_step():
     generator, discriminator, _ = fresh_gan()
     with pytest.raises(RsftError) as raised:
-        select_round_input(generator, discriminator, images(40, 3), round_two_params("mixed"), 2, torch.device("cpu"))
+        select_round_input(generator, discriminator, images(40, 3), round_two_params("mixed"), "mixed", 2,
+                           torch.device("cpu"))
     message = str(raised.value)
     assert "round 2: no fake passed threshold=0.99" in message
     assert "dvc exp run -S finetune.threshold_step=0." in message
@@ -257,7 +258,7 @@ def test_round_without_kept_fakes_suggests_step():
 def test_round_without_kept_fakes_weighted_continues():
     generator, discriminator, _ = fresh_gan()
     round_input, artifacts = select_round_input(
-        generator, discriminator, images(40, 3), round_two_params("weighted"), 2, torch.device("cpu")
+        generator, discriminator, images(40, 3), round_two_params("weighted"), "weighted", 2, torch.device("cpu")
     )
     assert round_input.acceptance_rate == 0.0
     assert len(artifacts["images"]) == 0
